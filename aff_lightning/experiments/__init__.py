@@ -1,0 +1,1 @@
+"""Experiments on top of the library: the seed grid, its report and hyperparameter tuning."""
