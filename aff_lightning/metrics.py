@@ -81,6 +81,15 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _as_float(confmat: Tensor) -> Tensor:
+    """The counts as float32 for the ratio maths.
+
+    On XLA the (C, C) integer counts are moved to the host first (one exact transfer per
+    compute, once per epoch): with ``bf16-true`` Lightning sets ``XLA_USE_BF16=1``, which makes
+    every float32 on the device bfloat16 and would round the ratios; host maths also keeps the
+    epoch-end metric code out of the compiled XLA graphs.
+    """
+    if confmat.device.type == "xla":
+        confmat = confmat.cpu()
     return confmat if confmat.dtype.is_floating_point else confmat.to(_COMPUTE_DTYPE)
 
 
@@ -102,6 +111,8 @@ def per_class_report(confmat: Tensor) -> dict[str, Tensor]:
         raise TypeError(f"confmat must be a torch.Tensor, got {type(confmat).__name__}")
     if confmat.dim() != 2 or confmat.shape[0] != confmat.shape[1] or confmat.shape[0] < 1:
         raise ValueError(f"confmat must have shape (C, C) with C >= 1, got {tuple(confmat.shape)}")
+    if confmat.device.type == "xla":  # see _as_float
+        confmat = confmat.cpu()
     cm = _as_float(confmat)
     tp = torch.diagonal(cm)  # (C,)
     support = cm.sum(dim=1)  # (C,) true samples per class
@@ -331,7 +342,7 @@ class GroupAccuracy(ConfusionMatrixMetric):
     def compute(self) -> Tensor:
         """Scalar accuracy over the group's true classes."""
         cm = _as_float(self.confmat)
-        weight = self.group.to(cm.dtype)  # (C,)
+        weight = self.group.to(cm.device, cm.dtype)  # (C,)
         correct = (torch.diagonal(cm) * weight).sum()
         total = (cm.sum(dim=1) * weight).sum()
         return _safe_div(correct, total)

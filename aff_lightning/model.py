@@ -15,6 +15,7 @@ from torchmetrics import MetricCollection
 from aff_lightning.backbones import BACKBONES, build_backbone
 from aff_lightning.heads import AffinityHead
 from aff_lightning.metrics import build_metrics
+from aff_lightning.xla import mark_step, sync_metrics_on_xla
 
 __all__ = ["HEADS", "SELECTION_METRICS", "AffinityClassifier"]
 
@@ -207,29 +208,45 @@ class AffinityClassifier(L.LightningModule):
         return {"scores": scores, "preds": scores.argmax(dim=1)}
 
     # ----------------------------------------------------------------- epoch ends
-    def _log_split(self, split: str) -> dict[str, Tensor]:
-        """Compute, log and reset the metrics of one split; returns the scalar values."""
+    def _log_split(self, split: str) -> dict[str, float]:
+        """Compute, log and reset the metrics of one split; returns the scalar values.
+
+        The values are read back to the host once per split and epoch and logged from there,
+        so Lightning's logging adds no device work (no extra XLA graphs).
+        """
         collection = self.split_metrics(split)
         values = collection.compute()
         collection.reset()
-        scalars = {}
-        for name, value in values.items():
-            if value.dim() == 0:
-                scalars[name] = value
-                self.log(name, value, prog_bar=name.endswith(("/macro_f1", "/acc")))
+        names = list(values)
+        flat = torch.cat([values[n].detach().reshape(-1).float().cpu() for n in names]).tolist()
+        scalars: dict[str, float] = {}
+        for name in names:
+            size = values[name].numel()
+            chunk, flat = flat[:size], flat[size:]
+            if values[name].dim() == 0:
+                scalars[name] = chunk[0]
+                self._log_host(name, chunk[0], prog_bar=name.endswith(("/macro_f1", "/acc")))
             else:  # per-class F1 vector
-                for c, v in enumerate(value):
-                    self.log(f"{name}_{c}", v)
+                for c, v in enumerate(chunk):
+                    self._log_host(f"{name}_{c}", v)
         return scalars
+
+    def _log_host(self, name: str, value: float, prog_bar: bool = False) -> None:
+        """Log a host value as a CPU tensor: Lightning would upload a float to the device, and on
+        XLA the values 0 and 1 become graph constants, so each epoch could compile a new graph."""
+        self.log(name, torch.tensor(value, dtype=torch.float32), prog_bar=prog_bar)
+
+    def on_train_epoch_start(self) -> None:
+        mark_step(self.device)  # keep last epoch's end-of-epoch work out of the first step
 
     def on_train_epoch_end(self) -> None:
         self._log_split("train")
+        mark_step(self.device)
 
     def on_validation_epoch_end(self) -> None:
         record: dict[str, float] = {}
         for split in self._eval_splits():
-            scalars = self._log_split(split)
-            record.update({k: float(v) for k, v in scalars.items()})  # one sync per epoch
+            record.update(self._log_split(split))
         if self.trainer.sanity_checking:
             return
         record["epoch"] = float(self.current_epoch)
@@ -238,10 +255,13 @@ class AffinityClassifier(L.LightningModule):
             if key == "epoch":
                 continue
             best = max(r[key] for r in self.history if key in r)
-            self.log(f"{key}_best", best)
+            self._log_host(f"{key}_best", best)
 
     def on_test_epoch_end(self) -> None:
-        self.test_confmat = self.confusion_matrix("test")
+        confmat = self.confusion_matrix("test")
+        if self.trainer.world_size > 1:  # each process holds its shard of the test set
+            confmat = self.all_gather(confmat).sum(dim=0)
+        self.test_confmat = confmat
         self._log_split("test")
 
     def confusion_matrix(self, split: str) -> Tensor:
@@ -267,6 +287,7 @@ class AffinityClassifier(L.LightningModule):
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        sync_metrics_on_xla(self)  # torchmetrics sync across TPU cores; no-op elsewhere
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
