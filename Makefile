@@ -29,7 +29,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 demo: $(STAMP)
-	bash scripts/demo.sh
+	$(PY) -m aff_lightning.demo
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
