@@ -303,7 +303,9 @@ def test_bad_values_are_named(tmp_path: Path, column: str, value: object, messag
 
 def test_bad_options() -> None:
     runs = make_runs()
-    with pytest.raises(ValueError, match=r"f1 must be one of \['macro', 'micro'\], got 'weighted'"):
+    with pytest.raises(
+        ValueError, match=r"f1 must be one of \['macro', 'micro', 'auto'\], got 'weighted'"
+    ):
         summarize(runs, f1="weighted")
     with pytest.raises(ValueError, match="n_boot must be an integer >= 1, got 0"):
         summarize(runs, n_boot=0)
@@ -405,3 +407,46 @@ def test_report_module_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _with_f1_metric(runs: pd.DataFrame) -> pd.DataFrame:
+    runs = runs.copy()
+    runs["f1_metric"] = np.where(runs["condition"] == "aug", "micro", "macro")
+    return runs
+
+
+def test_auto_f1_uses_each_conditions_f1_metric() -> None:
+    auto = summarize(_with_f1_metric(make_runs()), f1="auto", n_boot=50)
+    macro = summarize(make_runs(), f1="macro", n_boot=50)
+    micro = summarize(make_runs(), f1="micro", n_boot=50)
+    stats = ["f1_median", "f1_max", "diff_f1_median", "diff_f1_max", "diff_f1_p"]
+    is_aug = auto["condition"] == "aug"
+    pd.testing.assert_frame_equal(auto.loc[is_aug, stats], micro.loc[is_aug, stats])
+    pd.testing.assert_frame_equal(auto.loc[~is_aug, stats], macro.loc[~is_aug, stats])
+    # Without an f1_metric column, auto is macro F1.
+    pd.testing.assert_frame_equal(summarize(make_runs(), f1="auto", n_boot=50), macro)
+
+
+def test_auto_f1_bad_or_mixed_f1_metric_is_an_error() -> None:
+    runs = _with_f1_metric(make_runs())
+    runs.loc[5, "f1_metric"] = "weighted"
+    with pytest.raises(ValueError, match=r"'f1_metric' must be 'macro' or 'micro'.*rows \[5\]"):
+        summarize(runs, f1="auto", n_boot=10)
+    runs.loc[5, "f1_metric"] = "micro"  # row 5 is condition 'plain', otherwise macro
+    with pytest.raises(ValueError, match=r"condition\(s\) \['plain'\] mix macro and micro"):
+        summarize(runs, f1="auto", n_boot=10)
+    summarize(runs, f1="macro", n_boot=10)  # an explicit F1 ignores the column
+
+
+def test_write_report_auto_is_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "runs.csv"
+    _with_f1_metric(make_runs()).to_csv(path, index=False)
+    paths = write_report(path, tmp_path / "out", n_boot=20)
+    text = paths["report"].read_text()
+    assert "micro F1 for `aug`; macro F1 for `plain`" in text
+    assert "F1 columns: micro F1." in text and "F1 columns: macro F1." in text
+    summary = pd.read_csv(paths["summary"])
+    expected = summarize(_with_f1_metric(make_runs()), f1="auto", n_boot=20)
+    assert summary["f1_median"].tolist() == expected["f1_median"].tolist()
+    assert main(["--runs", str(path), "--out", str(tmp_path / "cli"), "--n-boot", "5"]) == 0
+    assert "micro F1 for `aug`" in (tmp_path / "cli" / "report.md").read_text()

@@ -102,7 +102,10 @@ SUMMARY_COLUMNS = (
 TOTALS_COLUMNS = ("condition", "head", "sum_diff_acc_median", "sum_diff_f1_median", "n_k")
 """Columns of :func:`totals`'s table, in order."""
 
-F1_CHOICES = ("macro", "micro")
+F1_CHOICES = ("macro", "micro", "auto")
+"""F1 to report: macro, micro, or auto: each run's own ``f1_metric`` column (the grid writes
+micro for conditions selected on micro-F1, macro otherwise; macro when the column is absent)."""
+F1_METRIC_COLUMN = "f1_metric"
 CI_LEVEL = 0.95
 # Sign patterns are enumerated exactly up to 2**16 = 65536 of them (n <= 16 paired seeds);
 # beyond that a Monte Carlo sample of this many patterns estimates p as (1 + hits) / (1 + B).
@@ -355,6 +358,53 @@ def _check_options(f1: str, n_boot: int, seed: int) -> str:
     return f"{f1}_f1"
 
 
+def _add_auto_f1(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add column ``auto_f1``: each run's ``macro_f1`` or ``micro_f1`` as its ``f1_metric`` says.
+
+    Without an ``f1_metric`` column every run uses macro F1. Raises ``ValueError`` for values
+    other than "macro"/"micro" and for a condition whose runs name different F1 metrics.
+    """
+    out = runs.copy()
+    if F1_METRIC_COLUMN not in out.columns:
+        metric = pd.Series("macro", index=out.index)
+    else:
+        metric = out[F1_METRIC_COLUMN].astype(str).str.strip()
+        bad = ~metric.isin(["macro", "micro"])
+        if bad.any():
+            raise ValueError(
+                f"runs: column {F1_METRIC_COLUMN!r} must be 'macro' or 'micro' (for --f1 auto), "
+                f"got {_rows(out.index[bad], out[F1_METRIC_COLUMN])}"
+            )
+        per_condition = metric.groupby(out["condition"]).nunique()
+        mixed = sorted(per_condition.index[per_condition > 1])
+        if mixed:
+            raise ValueError(
+                f"runs: condition(s) {mixed} mix macro and micro in column {F1_METRIC_COLUMN!r}; "
+                "--f1 auto needs one F1 per condition (or pass --f1 macro / --f1 micro)"
+            )
+    out[F1_METRIC_COLUMN] = metric
+    out["auto_f1"] = np.where(metric == "micro", out["micro_f1"], out["macro_f1"])
+    return out
+
+
+def _runs_with_f1(runs: pd.DataFrame, f1: str, columns: Sequence[str]) -> tuple[pd.DataFrame, str]:
+    """Validate ``columns`` and the F1 column(s) ``f1`` needs; return runs and the F1 column."""
+    f1_col = f"{f1}_f1"
+    if f1 != "auto":
+        return _check_runs(runs, "runs", (*columns, f1_col)), f1_col
+    runs = _check_runs(runs, "runs", (*columns, "macro_f1", "micro_f1"))
+    return _add_auto_f1(runs), f1_col
+
+
+def _f1_by_condition(runs: pd.DataFrame, f1: str) -> dict[str, str]:
+    """condition -> "macro"/"micro": the F1 each condition reports."""
+    conditions = sorted(runs["condition"].unique())
+    if f1 != "auto":
+        return dict.fromkeys(conditions, f1)
+    metric = runs.groupby("condition")[F1_METRIC_COLUMN].first()
+    return {c: str(metric[c]) for c in conditions}
+
+
 def _cells(runs: pd.DataFrame, f1_col: str) -> dict[tuple[str, str, int], pd.DataFrame]:
     """(condition, head, k) -> that cell's runs indexed by seed, columns ``acc`` and ``f1``."""
     cols = runs[[*_CELL_COLUMNS, "seed", "acc", f1_col]].rename(columns={f1_col: "f1"})
@@ -381,7 +431,8 @@ def summarize(
     Args:
         runs: one row per run with condition, head, minority_count, seed, acc and the F1
             column (see :func:`load_runs`).
-        f1: which F1 to report, "macro" (column ``macro_f1``) or "micro" (``micro_f1``).
+        f1: which F1 to report, "macro" (column ``macro_f1``), "micro" (``micro_f1``) or
+            "auto" (per run, as its ``f1_metric`` column says; macro without the column).
         n_boot: bootstrap resamples per cell, >= 1.
         seed: seed of the bootstrap, >= 0.
 
@@ -393,8 +444,8 @@ def summarize(
         ValueError: unknown ``f1``, bad ``n_boot``/``seed``, invalid or duplicate runs, or a
             (condition, k) with other heads but no softmax runs (all such pairs are named).
     """
-    f1_col = _check_options(f1, n_boot, seed)
-    runs = _check_runs(runs, "runs", ("condition", "head", "minority_count", "seed", "acc", f1_col))
+    _check_options(f1, n_boot, seed)
+    runs, f1_col = _runs_with_f1(runs, f1, ("condition", "head", "minority_count", "seed", "acc"))
     cells = _cells(runs, f1_col)
     missing = sorted(
         {(c, k) for c, h, k in cells if h != BASELINE_HEAD and (c, BASELINE_HEAD, k) not in cells},
@@ -511,7 +562,7 @@ def plot_f1_vs_k(runs: pd.DataFrame, path: str | Path, f1: str = "macro") -> Pat
     Args:
         runs: validated runs (see :func:`load_runs`).
         path: the PNG to write.
-        f1: "macro" or "micro".
+        f1: "macro", "micro" or "auto" (see :func:`summarize`).
 
     Returns:
         ``path`` as a Path.
@@ -520,8 +571,9 @@ def plot_f1_vs_k(runs: pd.DataFrame, path: str | Path, f1: str = "macro") -> Pat
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
-    f1_col = _check_options(f1, 1, 0)
-    runs = _check_runs(runs, "runs", ("condition", "head", "minority_count", "seed", f1_col))
+    _check_options(f1, 1, 0)
+    runs, f1_col = _runs_with_f1(runs, f1, ("condition", "head", "minority_count", "seed"))
+    f1_of = _f1_by_condition(runs, f1)
     conditions = sorted(runs["condition"].unique())
     heads = _head_order(runs["head"].unique())
     ncols = min(3, len(conditions))
@@ -546,14 +598,15 @@ def plot_f1_vs_k(runs: pd.DataFrame, path: str | Path, f1: str = "macro") -> Pat
         ax.set_xticks(ks_all, [str(k) for k in ks_all])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlim(max(ks_all) * 1.25, min(ks_all) / 1.25)  # k decreasing to the right
-        ax.set_title(str(condition))
+        ax.set_title(f"{condition} ({f1_of[condition]} F1)" if f1 == "auto" else str(condition))
         ax.grid(True, alpha=0.3)
     for ax in axes.ravel()[len(conditions) :]:
         ax.set_visible(False)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", ncols=max(len(heads), 1))
     fig.supxlabel("minority count k (log scale; more imbalance to the right)")
-    fig.supylabel(f"{f1} F1: median over seeds, band min-max")
+    label = "F1 (per condition)" if f1 == "auto" else f"{f1} F1"
+    fig.supylabel(f"{label}: median over seeds, band min-max")
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
@@ -695,6 +748,20 @@ def _markdown(
     n_min = int(summary["n_paired"].min()) if len(summary) else 0
     floor = f"{2.0 / 2**n_min:.4f}" if n_min >= 2 else "n/a"
     base = _baseline_stats(runs, f1_col)
+    f1_of = _f1_by_condition(runs, f1)
+    if f1 == "auto":
+        groups = {m: [c for c in conditions if f1_of[c] == m] for m in ("micro", "macro")}
+        f1_line = "- F1: per condition, as the runs' `f1_metric` column says: " + "; ".join(
+            f"{m} F1 for {', '.join(f'`{c}`' for c in cs)}" for m, cs in groups.items() if cs
+        )
+        f1_line += ". All metrics are fractions in [0, 1], on the (imbalanced) test set."
+        f1_name = "F1"
+    else:
+        f1_line = (
+            f"- F1: {f1} F1 (column `{f1_col}`). All metrics are fractions in [0, 1], on the "
+            "(imbalanced) test set."
+        )
+        f1_name = f"{f1} F1"
     parts = [
         "# Grid report",
         "",
@@ -702,9 +769,8 @@ def _markdown(
         f"heads {', '.join(heads)}, k in {{{', '.join(str(k) for k in ks)}}}, "
         f"{seeds} seed(s) per cell, {hours:.2f} h of run wall time in total.",
         f"- Epoch selection: `{rule}`, {_SELECTION_TEXT[rule]}.",
-        f"- F1: {f1} F1 (column `{f1_col}`). All metrics are fractions in [0, 1], on the "
-        "(imbalanced) test set.",
-        f"- Figure: `{figure_name}` ({f1} F1 median over seeds against k, band min-max).",
+        f1_line,
+        f"- Figure: `{figure_name}` ({f1_name} median over seeds against k, band min-max).",
         "",
         "**How to read the tables.** Median and Max are over the seeds of a cell (n). Diff is "
         f"the head's statistic minus the {BASELINE_HEAD} head's at the same condition and k, "
@@ -733,6 +799,8 @@ def _markdown(
     ]
     for condition in conditions:
         parts += ["", f"## Condition `{condition}`", ""]
+        if f1 == "auto":
+            parts += [f"F1 columns: {f1_of[condition]} F1.", ""]
         parts.append(_condition_table(condition, summary, base, heads))
     parts += ["", "## Totals (sums over k of the median Diffs)", ""]
     parts.append(_totals_table(tot, conditions, heads))
@@ -745,6 +813,8 @@ def _write_report(
     _check_options(f1, n_boot, seed)
     runs_path = Path(runs_path)
     runs = load_runs(runs_path)
+    if f1 == "auto":
+        runs = _add_auto_f1(runs)
     rule = selection_rule(runs)
     summary = summarize(runs, f1=f1, n_boot=n_boot, seed=seed)
     tot = totals(summary)
@@ -767,7 +837,7 @@ def _write_report(
 def write_report(
     runs_path: str | Path,
     out_dir: str | Path,
-    f1: str = "macro",
+    f1: str = "auto",
     n_boot: int = 2000,
     seed: int = 0,
 ) -> dict[str, Path]:
@@ -776,7 +846,8 @@ def write_report(
     Args:
         runs_path: the grid's ``runs.csv`` (see :func:`load_runs`).
         out_dir: folder for the four files, created if needed; existing files are replaced.
-        f1: "macro" or "micro".
+        f1: "macro", "micro" or "auto" (each condition's own F1 from the ``f1_metric`` column,
+            macro without it; see :func:`summarize`).
         n_boot: bootstrap resamples per cell, >= 1.
         seed: seed of the bootstrap, >= 0.
 
@@ -803,14 +874,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--runs", required=True, type=Path, help="the grid's runs.csv")
     parser.add_argument("--out", required=True, type=Path, help="folder for the report files")
-    parser.add_argument("--f1", default="macro", choices=F1_CHOICES, help="F1 to report")
+    parser.add_argument(
+        "--f1",
+        default="auto",
+        choices=F1_CHOICES,
+        help="F1 to report: macro, micro, or auto (default): per condition as the runs' "
+        "f1_metric column says (micro for conditions selected on micro-F1), macro without it",
+    )
     parser.add_argument("--n-boot", default=2000, type=int, help="bootstrap resamples per cell")
     parser.add_argument("--seed", default=0, type=int, help="seed of the bootstrap")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``--runs PATH --out DIR [--f1 macro|micro] [--n-boot N] [--seed S]``.
+    """Command line: ``--runs PATH --out DIR [--f1 auto|macro|micro] [--n-boot N] [--seed S]``.
 
     Prints the totals table and the written paths. Returns 0 on success and 2 on bad
     arguments or bad input, with the message on stderr (no traceback).
