@@ -32,9 +32,12 @@ def squared_distances(features: Tensor, centers: Tensor) -> Tensor:
         (N, C, M) for (C, M, D) centers, (N, K) for (K, D) centers.
     """
     flat = centers.reshape(-1, centers.shape[-1])  # (C, M, D) -> (K, D)
-    f_sq = features.pow(2).sum(dim=1, keepdim=True)  # (N, 1)
-    w_sq = flat.pow(2).sum(dim=1)  # (K,)
-    dist = (f_sq - 2.0 * features @ flat.t() + w_sq).clamp_min(0.0)  # (N, K)
+    # Under autocast the matmul would run in half precision whatever the input dtype, and the
+    # cancellation in ||f||^2 - 2 f.w + ||w||^2 would lose every digit: keep it in input dtype.
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        f_sq = features.pow(2).sum(dim=1, keepdim=True)  # (N, 1)
+        w_sq = flat.pow(2).sum(dim=1)  # (K,)
+        dist = (f_sq - 2.0 * features @ flat.t() + w_sq).clamp_min(0.0)  # (N, K)
     return dist.reshape(features.shape[0], *centers.shape[:-1])  # (N, K) -> (N, C, M)
 
 
@@ -117,7 +120,8 @@ def diversity_regularizer(centers: Tensor) -> Tensor:
     k = flat.shape[0]
     if k < 2:
         raise ValueError(f"diversity_regularizer needs at least 2 centers, got {k}")
-    dist = squared_distances(flat, flat)  # (K, K)
+    work = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
+    dist = squared_distances(flat.to(work), flat.to(work))  # (K, K)
     # Static upper-triangle selection by multiplying with a constant mask (no boolean indexing).
     upper = torch.ones(k, k, dtype=dist.dtype, device=dist.device).triu(diagonal=1)
     n_pairs = k * (k - 1) / 2

@@ -146,3 +146,17 @@ def test_margin_and_sigma_errors():
         AF.max_margin_loss(torch.rand(3, 2), y, 1.5)
     with pytest.raises(ValueError, match="at least 2 centers"):
         AF.diversity_regularizer(torch.randn(1, 1, 4))
+
+
+def test_autocast_keeps_distances_in_float32():
+    """bf16 autocast must not run the cancelling matmul in half precision."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(64, 256, generator=g) * 2
+    w = torch.randn(10, 1, 256, generator=g) * 2
+    ref = AF.gaussian_affinity(f.double(), w.double(), 90.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        aff = AF.gaussian_affinity(f, w, 90.0)
+        reg = AF.diversity_regularizer(w)
+    assert aff.dtype == torch.float32
+    assert_close(aff.double(), ref, atol=1e-4, rtol=1e-4)
+    assert_close(reg.double(), AF.diversity_regularizer(w.double()), rtol=1e-4, atol=1e-3)
