@@ -176,6 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
+    """Errors about the user's input: ours, or a ValueError/TypeError raised by this package's
+    own argument checks. Anything raised deeper (torch, Lightning) keeps its traceback."""
     from aff_lightning.data import DatasetNotFoundError
 
-    return isinstance(exc, (CLIError, DatasetNotFoundError, ValueError, TypeError))
+    if isinstance(exc, (CLIError, DatasetNotFoundError)):
+        return True
+    if not isinstance(exc, (ValueError, TypeError)) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent

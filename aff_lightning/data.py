@@ -505,7 +505,7 @@ def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: 
 
 
 def random_crop_flip(
-    images: Tensor, padding: int = 4, generator: torch.Generator | None = None
+    images: Tensor, padding: int = 4, generator: torch.Generator | None = None, flip: bool = True
 ) -> Tensor:
     """Random crop of the zero-padded images plus a random horizontal flip, per sample.
 
@@ -518,6 +518,8 @@ def random_crop_flip(
         images: (N, C, H, W) float images (padding value 0).
         padding: zero border on each side, >= 0.
         generator: optional RNG; its device is used to draw the offsets.
+        flip: also flip; False gives crops only (the flips are still drawn, so the crops are
+            the same as with ``flip=True`` under the same RNG state).
 
     Returns:
         (N, C, H, W), same dtype and device.
@@ -530,8 +532,8 @@ def random_crop_flip(
     device = generator.device if generator is not None else images.device
     top = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
-    flip = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
-    return crop_flip(images, top, left, flip, padding)
+    flips = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
+    return crop_flip(images, top, left, flips & flip, padding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -746,7 +748,11 @@ class ImbalancedDataModule(L.LightningDataModule):
         protocol: "reference", "step" or "longtail".
         imbalance_ratio: largest over smallest class size for "longtail", >= 1; ignored by the
             other protocols.
-        seed: seeds the validation split and the per-epoch shuffles, >= 0.
+        seed: seeds the validation split and the per-epoch shuffles, >= 0; None (the default)
+            follows the global seed of ``seed_everything`` (``PL_GLOBAL_SEED``), 0 if none is set,
+            so ``--seed_everything=3`` gives a full replicate: new weights, new data order.
+        flip: random horizontal flips in the augmentation; None (the default) flips for
+            CIFAR-10 and Fashion-MNIST but not for MNIST (digits are not mirror-symmetric).
         download: let :meth:`prepare_data` fetch the dataset with torchvision (needs internet).
         device_resident: keep the splits on the trainer's root device (CUDA/CPU) so batches are
             device slices; on XLA they stay on the host and Lightning transfers each batch.
@@ -772,9 +778,10 @@ class ImbalancedDataModule(L.LightningDataModule):
         monitor_test: bool = True,
         protocol: str = "reference",
         imbalance_ratio: float | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         download: bool = False,
         device_resident: bool = True,
+        flip: bool | None = None,
     ) -> None:
         super().__init__()
         info = _dataset_info(dataset)
@@ -823,8 +830,8 @@ class ImbalancedDataModule(L.LightningDataModule):
                 raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
         self.save_hyperparameters()
 
         self.info = info
@@ -841,6 +848,7 @@ class ImbalancedDataModule(L.LightningDataModule):
         self.protocol = protocol
         self.imbalance_ratio = imbalance_ratio
         self.seed = seed
+        self.flip = info.name != "mnist" if flip is None else bool(flip)
         self.download = download
         self.device_resident = device_resident
 
@@ -916,7 +924,7 @@ class ImbalancedDataModule(L.LightningDataModule):
             else:
                 test_idx = all_test
         train_idx, val_idx = stratified_holdout(
-            train_idx, data.train_labels, self.val_fraction, self.seed
+            train_idx, data.train_labels, self.val_fraction, self.data_seed
         )
         self._indices = {"train": train_idx, "val": val_idx, "test": test_idx}
         self._splits = {
@@ -1013,7 +1021,7 @@ class ImbalancedDataModule(L.LightningDataModule):
             self.batch_size,
             shuffle=not overfit,
             drop_last=True,
-            seed=self.seed,
+            seed=self.data_seed,
             rank=rank,
             world_size=world,
             epoch_fn=self._trainer_epoch if self.trainer is not None else None,
@@ -1027,6 +1035,17 @@ class ImbalancedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> TensorLoader:
         """The test split in padded batches of ``eval_batch_size``."""
         return self._eval_loader("test")
+
+    def predict_dataloader(self) -> TensorLoader:
+        """The test split, as for :meth:`test_dataloader` (drop the rows whose mask is False)."""
+        return self._eval_loader("test")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed in use: ``seed``, else the global seed of ``seed_everything``, else 0."""
+        if self.seed is not None:
+            return self.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     # ---------------------------------------------------------------- on-device transforms
     def _norm_constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -1053,7 +1072,7 @@ class ImbalancedDataModule(L.LightningDataModule):
         if images.dtype == torch.uint8:
             images = images.to(torch.float32).div_(255.0)
         if self.augment and self.trainer is not None and self.trainer.training:
-            images = random_crop_flip(images, padding=4)
+            images = random_crop_flip(images, padding=4, flip=self.flip)
         if self.normalize:
             mean, std = self._norm_constants(images.device)
             images = (images - mean.to(images.dtype)) / std.to(images.dtype)

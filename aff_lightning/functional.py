@@ -7,6 +7,8 @@ traces into a fixed XLA graph, and never builds an ``(N, C, M, D)`` tensor.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -34,7 +36,13 @@ def squared_distances(features: Tensor, centers: Tensor) -> Tensor:
     flat = centers.reshape(-1, centers.shape[-1])  # (C, M, D) -> (K, D)
     # Under autocast the matmul would run in half precision whatever the input dtype, and the
     # cancellation in ||f||^2 - 2 f.w + ||w||^2 would lose every digit: keep it in input dtype.
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    device_type = features.device.type
+    no_autocast = (
+        torch.autocast(device_type=device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
         f_sq = features.pow(2).sum(dim=1, keepdim=True)  # (N, 1)
         w_sq = flat.pow(2).sum(dim=1)  # (K,)
         dist = (f_sq - 2.0 * features @ flat.t() + w_sq).clamp_min(0.0)  # (N, K)

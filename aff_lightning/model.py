@@ -128,19 +128,22 @@ class AffinityClassifier(L.LightningModule):
             )
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self._compiled_backbone: Any = None
+        self._compiled = False
 
         metrics = build_metrics(num_classes, self.minority_classes)
         # One collection cloned per stage; attributes, as "train" is a Module method.
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []  # "epoch" is an int, the metrics floats
 
     # ----------------------------------------------------------------- forward
     def configure_model(self) -> None:
-        if self.hparams["compile"] and self._compiled_backbone is None:
-            self._compiled_backbone = torch.compile(self.backbone)
+        # In place (nn.Module.compile): the state_dict keys stay those of an uncompiled model,
+        # so checkpoints load either way.
+        if self.hparams["compile"] and not self._compiled:
+            self.backbone.compile()
+            self._compiled = True
 
     def features(self, images: Tensor) -> Tensor:
         """Features the head sees.
@@ -151,10 +154,13 @@ class AffinityClassifier(L.LightningModule):
         Returns:
             (N, D) after the backbone, the optional bottleneck and the optional BatchNorm.
         """
+        if images.dtype != self.dtype and images.is_floating_point():
+            # "bf16-true"/"64-true" convert the model; the datamodule makes float32 images
+            # after Lightning's input conversion has run on the uint8 batch.
+            images = images.to(self.dtype)
         if self.hparams["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
-        backbone = self._compiled_backbone or self.backbone
-        return self.feature_norm(self.bottleneck(backbone(images)))
+        return self.feature_norm(self.bottleneck(self.backbone(images)))
 
     def scores(self, feats: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """(affinities, logits) of the heads present, each (N, C) or None."""
@@ -191,9 +197,19 @@ class AffinityClassifier(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return list(getattr(dm, "eval_splits", None) or ["val"])
 
+    def _split_of(self, dataloader_idx: int) -> str:
+        splits = self._eval_splits()
+        if dataloader_idx >= len(splits):
+            raise ValueError(
+                f"validation got dataloader {dataloader_idx}, but only {len(splits)} evaluation "
+                f"split(s) are known ({splits}); with several validation loaders use "
+                "ImbalancedDataModule, whose eval_splits names them"
+            )
+        return splits[dataloader_idx]
+
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels, mask = batch
-        split = self._eval_splits()[dataloader_idx]
+        split = self._split_of(dataloader_idx)
         self.split_metrics(split).update(self(images), labels, mask)
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -203,9 +219,14 @@ class AffinityClassifier(L.LightningModule):
     def predict_step(
         self, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
+        """Scores and predictions; with the datamodule's ``(images, labels, mask)`` batches also
+        the labels and the mask (False on the padding rows of the last batch: drop those)."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         scores = self(images)
-        return {"scores": scores, "preds": scores.argmax(dim=1)}
+        out = {"scores": scores, "preds": scores.argmax(dim=1)}
+        if isinstance(batch, (tuple, list)) and len(batch) == 3:
+            out["labels"], out["mask"] = batch[1], batch[2]
+        return out
 
     # ----------------------------------------------------------------- epoch ends
     def _log_split(self, split: str) -> dict[str, float]:
@@ -249,7 +270,7 @@ class AffinityClassifier(L.LightningModule):
             record.update(self._log_split(split))
         if self.trainer.sanity_checking:
             return
-        record["epoch"] = float(self.current_epoch)
+        record["epoch"] = int(self.current_epoch)
         self.history.append(record)
         for key in list(record):
             if key == "epoch":

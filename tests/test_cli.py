@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from aff_lightning.cli import CLIError, expand_config_args, main
@@ -140,3 +141,21 @@ def test_console_script_is_installed():
     assert exe.exists()
     proc = subprocess.run([str(exe), "fit", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "--model.n_centers" in proc.stdout
+
+
+def test_only_our_own_errors_lose_their_traceback():
+    from aff_lightning import AffinityHead
+    from aff_lightning.cli import _is_user_error
+
+    try:
+        AffinityHead(4, 2, sigma=-1.0)
+    except ValueError as exc:
+        assert _is_user_error(exc)
+    try:
+        torch.zeros(2) @ torch.zeros(3)
+    except RuntimeError as exc:
+        assert not _is_user_error(exc)
+    try:
+        torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(2))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        assert not _is_user_error(exc)

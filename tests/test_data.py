@@ -399,7 +399,7 @@ def test_lightning_fit_smoke(fake_cifar_dir: Path) -> None:
             ValueError,
             r"imbalance_ratio must be >= 1, got 0.5",
         ),
-        (dict(seed=-1), ValueError, r"seed must be an int >= 0, got -1"),
+        (dict(seed=-1), ValueError, r"seed must be an int >= 0 or None, got -1"),
     ],
 )
 def test_bad_arguments(kwargs: dict, exc: type[Exception], match: str) -> None:
@@ -538,3 +538,43 @@ def test_real_fashion_mnist_reference_counts(tmp_path: Path) -> None:
     assert dm.class_counts("test") == [10 if c in EVEN else 1000 for c in range(10)]
     images, _ = dm.split_tensors("train")
     assert images.shape == (30300, 1, 28, 28) and images.dtype == torch.uint8
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_seed_follows_seed_everything_unless_given(fake_cifar_dir, monkeypatch):
+    def val_indices(**kwargs):
+        dm = ImbalancedDataModule(
+            dataset="cifar10", data_dir=str(fake_cifar_dir), minority_count=4,
+            val_fraction=0.3, batch_size=8, **kwargs,
+        )  # fmt: skip
+        dm.setup("fit")
+        return dm.indices("val").tolist(), dm.data_seed
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    default, seed0 = val_indices()
+    assert seed0 == 0
+    L.seed_everything(3)
+    replicate, seed3 = val_indices()
+    assert seed3 == 3 and replicate != default
+    assert val_indices(seed=0) == (default, 0)  # an explicit seed wins
+
+
+def test_no_flip_for_mnist_digits(fake_mnist_dir, fake_cifar_dir):
+    kwargs = {"minority_count": 2, "augment": True}
+    assert not ImbalancedDataModule("mnist", str(fake_mnist_dir), **kwargs).flip
+    assert ImbalancedDataModule("cifar10", str(fake_cifar_dir), **kwargs).flip
+    assert not ImbalancedDataModule("cifar10", str(fake_cifar_dir), flip=False, **kwargs).flip
+    images = torch.rand(64, 1, 8, 8)
+    torch.manual_seed(0)
+    with_flip = random_crop_flip(images, padding=0)
+    torch.manual_seed(0)
+    no_flip = random_crop_flip(images, padding=0, flip=False)
+    assert torch.equal(no_flip, images)  # padding 0: only the flip could change anything
+    assert not torch.equal(with_flip, images)
+
+
+def test_predict_dataloader_is_the_padded_test_split(fake_cifar_dir):
+    dm = ImbalancedDataModule("cifar10", str(fake_cifar_dir), minority_count=3, batch_size=16)
+    dm.setup("predict")
+    masks = [mask for _, _, mask in dm.predict_dataloader()]
+    assert int(sum(m.sum() for m in masks)) == sum(dm.class_counts("test"))

@@ -270,3 +270,208 @@ def test_datamodule_mismatch_is_an_error(fake_fmnist_dir, kwargs: dict, match: s
     model = AffinityClassifier(**{"backbone": "cnn3", "image_size": 28, "in_channels": 1, **kwargs})
     with pytest.raises(ValueError, match=match):
         _trainer(max_epochs=1).fit(model, datamodule=dm)
+
+
+# ------------------------------------------------------------------------------ speed options
+# channels_last, torch.compile and bf16-mixed must not change what the model computes, and the
+# device-resident data path must feed a training step without reading values back to the host.
+
+
+def _speed_twins(**kwargs) -> tuple[AffinityClassifier, AffinityClassifier]:
+    """(model with the speed options in kwargs, default model), with identical weights."""
+    torch.manual_seed(0)
+    fast = AffinityClassifier(**kwargs)
+    plain = AffinityClassifier(
+        **{k: v for k, v in kwargs.items() if k not in ("channels_last", "compile")}
+    )
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
+
+
+def _assert_same_step(fast: AffinityClassifier, plain: AffinityClassifier, x, y) -> None:
+    """Same eval outputs, and the same training loss and gradients, for both models."""
+    assert_close(fast.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+    losses, grads = [], []
+    for model in (fast, plain):
+        model.train().zero_grad()
+        aff, logits = model.scores(model.features(x))
+        loss = model._loss(aff, logits, y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["cnn3", "cnn10"])
+def test_channels_last_gives_the_same_outputs_loss_and_gradients(backbone: str):
+    fast, plain = _speed_twins(
+        backbone=backbone,
+        num_classes=4,
+        in_channels=3,
+        image_size=16,
+        minority_classes=(0,),
+        n_centers=2,
+        channels_last=True,
+    )
+    conv = next(m for m in fast.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
+    _assert_same_step(fast, plain, x, y)
+
+
+def test_compile_gives_the_same_outputs_loss_and_gradients(monkeypatch: pytest.MonkeyPatch):
+    """``compile=True`` through the Trainer's configure_model hook; aot_eager stands in for
+    inductor (same dynamo capture and AOT autograd, no C++ build), see the slow test below."""
+    real_compile = torch.compile
+    compiled = []
+
+    def aot_eager_compile(model, *args, **kwargs):
+        compiled.append(model)
+        return real_compile(model, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    fast, plain = _speed_twins(
+        backbone="cnn3",
+        num_classes=4,
+        in_channels=1,
+        image_size=16,
+        minority_classes=(0,),
+        compile=True,
+    )
+    fast.configure_model()  # what Trainer.fit/test/predict and load_from_checkpoint call
+    assert compiled, "compile=True did not call torch.compile"
+    data = ToyImages(6)
+    _assert_same_step(fast, plain, data.images, data.labels)
+    trainer = _trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(fast, DataLoader(ToyImages(8), batch_size=4))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_compile_keeps_the_state_dict_keys(monkeypatch: pytest.MonkeyPatch):
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda m, *a, **k: real_compile(m, *a, **{**k, "backend": "eager"})
+    )
+    fast, plain = _speed_twins(backbone="cnn3", in_channels=1, compile=True)
+    fast.configure_model()
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(fast.state_dict())  # strict, as load_from_checkpoint
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_gives_the_same_outputs():
+    """The real default backend (inductor; builds C++ kernels with gcc: ~1 min on 2 cores)."""
+    fast, plain = _speed_twins(
+        backbone="cnn3",
+        num_classes=4,
+        in_channels=1,
+        image_size=16,
+        minority_classes=(0,),
+        compile=True,
+    )
+    fast.configure_model()
+    x = ToyImages(4).images
+    with torch.no_grad():
+        assert_close(fast.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_bf16_mixed_on_cpu_trains_and_counts_exactly(head: str):
+    """CPU autocast bf16 (``precision="bf16-mixed"``): finite loss, metrics as integer counts."""
+    torch.manual_seed(0)
+    model = AffinityClassifier(
+        backbone="cnn3",
+        head=head,
+        num_classes=4,
+        in_channels=1,
+        image_size=16,
+        minority_classes=(0,),
+        n_centers=2,
+    )
+    trainer = _trainer(precision="bf16-mixed", max_steps=2, num_sanity_val_steps=0)
+    val = DataLoader(ToyImages(12, seed=1), batch_size=8)  # a ragged last batch of 4
+    trainer.fit(model, DataLoader(ToyImages(16), batch_size=8), val)
+    assert trainer.precision == "bf16-mixed"
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert 0.0 <= model.history[-1]["val/acc"] <= 1.0
+    trainer.test(model, val)
+    confmat = model.test_confmat
+    assert not confmat.dtype.is_floating_point  # counts, not bf16-rounded sums
+    assert int(confmat.sum()) == 12
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model.eval()(ToyImages(3).images)
+    assert scores.shape == (3, 4) and torch.isfinite(scores.float()).all()
+
+
+def test_device_resident_training_step_reads_nothing_back(fake_cifar_dir):
+    """On the meta device no value can be read to the host (``.item()``, ``bool(t)``, ``.cpu()``
+    all fail), so running the whole training path there shows it needs no host sync: batch
+    slicing on the device, uint8 -> float, batched crop + flip, normalisation, the model step,
+    the loss, the metric update and backward."""
+    from types import SimpleNamespace
+
+    meta = torch.device("meta")
+    dm = ImbalancedDataModule(
+        "cifar10", fake_cifar_dir, minority_count=5, batch_size=16, augment=True, normalize=True
+    )
+    dm.trainer = SimpleNamespace(
+        training=True,
+        global_rank=0,
+        world_size=1,
+        current_epoch=0,
+        overfit_batches=0,
+        strategy=SimpleNamespace(root_device=meta),
+    )
+    loader = dm.train_dataloader()
+    assert loader.images.device == meta and loader.images.dtype == torch.uint8  # moved once
+    images, labels, mask = dm.on_after_batch_transfer(next(iter(loader)), 0)
+    assert images.device == meta and images.dtype == torch.float32
+    assert images.shape == (16, 3, 32, 32) and labels.device == mask.device == meta
+    for head in HEADS:
+        model = AffinityClassifier(backbone="cnn3", head=head, n_centers=2).to(meta)
+        aff, logits = model.scores(model.features(images))
+        loss = model._loss(aff, logits, labels)
+        model.train_metrics.update((aff if aff is not None else logits).detach(), labels, mask)
+        loss.backward()
+        assert loss.device == meta and loss.shape == ()
+
+
+# ------------------------------------------------------------------------------ precision, predict
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_true_precisions_train_on_cpu(precision: str, fake_fmnist_dir):
+    """The datamodule makes float32 images after Lightning's input conversion; the model casts
+    them to its own dtype."""
+    torch.manual_seed(0)
+    dm = ImbalancedDataModule(
+        dataset="fashion_mnist", data_dir=str(fake_fmnist_dir), minority_count=2, batch_size=32
+    )
+    model = AffinityClassifier(backbone="cnn3", num_classes=10, in_channels=1, image_size=28)
+    trainer = _trainer(max_steps=2, limit_val_batches=1, precision=precision)
+    trainer.fit(model, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert model.dtype == {"bf16-true": torch.bfloat16, "64-true": torch.float64}[precision]
+
+
+def test_predict_returns_labels_and_mask(fake_fmnist_dir):
+    dm = ImbalancedDataModule(
+        dataset="fashion_mnist", data_dir=str(fake_fmnist_dir), minority_count=2, batch_size=32
+    )
+    model = AffinityClassifier(backbone="cnn3", num_classes=10, in_channels=1, image_size=28)
+    out = _trainer().predict(model, datamodule=dm)
+    mask = torch.cat([o["mask"] for o in out])
+    labels = torch.cat([o["labels"] for o in out])[mask]
+    assert labels.tolist() == dm.split_tensors("test")[1].tolist()
+    assert torch.cat([o["preds"] for o in out]).shape == mask.shape
+
+
+def test_two_plain_val_loaders_need_the_datamodule():
+    model = AffinityClassifier(
+        backbone="cnn3", num_classes=4, in_channels=1, image_size=16, minority_classes=(0,)
+    )
+    loader = DataLoader(ToyImages(8), batch_size=4)
+    with pytest.raises(ValueError, match="validation got dataloader 1, but only 1 evaluation"):
+        _trainer(max_epochs=1).validate(model, dataloaders=[loader, loader])
