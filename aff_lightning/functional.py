@@ -43,9 +43,10 @@ def squared_distances(features: Tensor, centers: Tensor) -> Tensor:
         else contextlib.nullcontext()
     )
     with no_autocast:
-        f_sq = features.pow(2).sum(dim=1, keepdim=True)  # (N, 1)
-        w_sq = flat.pow(2).sum(dim=1)  # (K,)
-        dist = (f_sq - 2.0 * features @ flat.t() + w_sq).clamp_min(0.0)  # (N, K)
+        f_sq = (features * features).sum(dim=1, keepdim=True)  # (N, 1)
+        w_sq = (flat * flat).sum(dim=1)  # (K,)
+        # One fused matmul-add: ||f||^2 + ||w||^2 - 2 f.w.
+        dist = torch.addmm(f_sq + w_sq, features, flat.t(), alpha=-2.0).clamp_min(0.0)  # (N, K)
     return dist.reshape(features.shape[0], *centers.shape[:-1])  # (N, K) -> (N, C, M)
 
 
@@ -71,7 +72,8 @@ def gaussian_affinity(features: Tensor, centers: Tensor, sigma: float) -> Tensor
     work = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
     dist = squared_distances(features.to(work), centers.to(work))  # (N, C, M)
     # exp is monotone decreasing in the distance: max over centers == exp(-min distance / sigma).
-    return torch.exp(-dist.amin(dim=2) / sigma).to(features.dtype)  # (N, C, M) -> (N, C)
+    nearest = dist[:, :, 0] if dist.shape[2] == 1 else dist.amin(dim=2)  # (N, C, M) -> (N, C)
+    return torch.exp(nearest / -sigma).to(features.dtype)
 
 
 def check_targets(target: Tensor, num_samples: int, num_classes: int) -> None:
@@ -107,9 +109,9 @@ def max_margin_loss(affinity: Tensor, target: Tensor, margin: float) -> Tensor:
         raise ValueError(f"margin must be in (0, 1], got {margin}")
     true_aff = affinity.gather(1, target.long().unsqueeze(1))  # (N, 1)
     hinge = torch.relu(margin + affinity - true_aff)  # (N, C)
-    # The j == y_i term would be relu(margin) = margin; mask it with a one-hot instead of indexing.
-    not_true = 1.0 - torch.nn.functional.one_hot(target.long(), affinity.shape[1]).to(hinge.dtype)
-    return (hinge * not_true).sum(dim=1).mean()
+    # The j == y_i term is exactly relu(margin + a - a) = margin (and its gradient is 0), so
+    # subtracting it equals the sum over j != y_i, without a mask.
+    return hinge.sum(dim=1).mean() - margin
 
 
 def diversity_regularizer(centers: Tensor) -> Tensor:
