@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[dev,tpu]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: lint typecheck
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

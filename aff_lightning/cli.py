@@ -113,13 +113,14 @@ def _build_cli_class() -> type:
 
         def after_fit(self) -> None:
             cfg = self.config.get(self.subcommand, {})
-            if cfg.get("test_after_fit", True) and not self.trainer.fast_dev_run:
+            fast_dev_run = getattr(self.trainer, "fast_dev_run", False)
+            if cfg.get("test_after_fit", True) and not fast_dev_run:
                 self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
 
     return AffinityCLI
 
 
-def default_loggers(root: str | os.PathLike[str]) -> list[Any]:
+def default_loggers(root: str | Path) -> list[Any]:
     """CSV logs always, TensorBoard too when it is installed; both in one version folder."""
     from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger

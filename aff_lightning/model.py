@@ -281,13 +281,17 @@ class AffinityClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         confmat = self.confusion_matrix("test")
         if self.trainer.world_size > 1:  # each process holds its shard of the test set
-            confmat = self.all_gather(confmat).sum(dim=0)
+            gathered = self.all_gather(confmat)
+            assert isinstance(gathered, Tensor)  # a tensor in, a (world, C, C) tensor out
+            confmat = gathered.sum(dim=0)
         self.test_confmat = confmat
         self._log_split("test")
 
     def confusion_matrix(self, split: str) -> Tensor:
         """The accumulated (C, C) confusion matrix of a split (rows true, columns predicted)."""
-        return self.split_metrics(split)["acc"].confmat.detach().clone()
+        confmat = self.split_metrics(split)["acc"].confmat
+        assert isinstance(confmat, Tensor)  # the metric state, never a module
+        return confmat.detach().clone()
 
     def split_metrics(self, split: str) -> MetricCollection:
         """The metric collection of "train", "val" or "test"."""
@@ -312,11 +316,12 @@ class AffinityClassifier(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
-        for name, mine in (
+        checks: tuple[tuple[str, Any], ...] = (
             ("num_classes", self.num_classes),
             ("in_channels", self.hparams["in_channels"]),
             ("minority_classes", self.minority_classes),
-        ):
+        )
+        for name, mine in checks:
             theirs = getattr(dm, name, mine)
             if name == "minority_classes":
                 theirs = tuple(sorted(theirs))
