@@ -57,6 +57,8 @@ from typing import Any
 
 import yaml
 
+from aff_lightning.experiments.report import SELECTION_RULES
+
 __all__ = [
     "DEFAULT_CONDITIONS",
     "DEFAULT_HEADS",
@@ -89,7 +91,7 @@ DEFAULT_CONDITIONS = (
 
 DEFAULT_MINORITY_COUNTS = (500, 200, 100, 50, 20, 10)
 DEFAULT_HEADS = ("softmax", "affinity-m1", "affinity-m5")
-SELECTIONS = ("best_test", "last", "best_val")
+SELECTIONS = SELECTION_RULES  # one definition, in the torch-free report module
 DEFAULT_VAL_FRACTION = 0.1  # added for --selection best_val unless the overrides set one
 
 RUNS_COLUMNS = (

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aff_lightning.experiments.report import SELECTION_RULES
+
 __all__ = ["EPOCH_RULES", "TEST_METRICS", "FitResult", "fit_args", "run_fit", "select_epoch"]
 
-EPOCH_RULES = ("best_test", "last", "best_val")
+EPOCH_RULES = SELECTION_RULES  # one definition, in the torch-free report module
 """How the reported epoch is chosen: highest test/<metric> (the reference protocol), the last
 epoch, or highest val/<metric> (needs a validation split); ties go to the earliest epoch."""
 
