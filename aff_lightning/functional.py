@@ -21,10 +21,45 @@ __all__ = [
 ]
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[object]:
+    """Autocast off: it would run the cancelling matmul in half precision."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _PairwiseSquaredDistance(torch.autograd.Function):
+    """``||f_i - w_k||^2`` as one ``addmm``, with a hand-written backward.
+
+    Autograd through ``(f * f).sum() ... addmm`` spends most of its time in elementwise passes
+    over the (N, D) features; the closed form needs one: with G = 2 * grad (N, K),
+    ``d/df = f * G.sum(1) - G @ w`` and ``d/dw = w * G.sum(0) - G^T @ f``. The gradient is that
+    of the true squared distance; the clamp at 0 (rounding only) passes it through.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, f: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(f, w)
+        f_sq = (f * f).sum(dim=1, keepdim=True)  # (N, 1)
+        w_sq = (w * w).sum(dim=1)  # (K,)
+        # ||f||^2 + ||w||^2 - 2 f.w in one fused matmul-add, clamped against rounding.
+        return torch.addmm(f_sq + w_sq, f, w.t(), alpha=-2.0).clamp_min(0.0)  # (N, K)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        f, w = ctx.saved_tensors  # type: ignore[attr-defined]
+        with _no_autocast(grad.device.type):
+            g2 = 2.0 * grad  # (N, K)
+            grad_f = torch.addmm(f * g2.sum(dim=1, keepdim=True), g2, w, alpha=-1.0)  # (N, D)
+            grad_w = torch.addmm(w * g2.sum(dim=0).unsqueeze(1), g2.t(), f, alpha=-1.0)  # (K, D)
+        return grad_f, grad_w
+
+
 def squared_distances(features: Tensor, centers: Tensor) -> Tensor:
     """Squared Euclidean distances between every feature and every center, with one matmul.
 
-    ``||f - w||^2 = ||f||^2 - 2 f.w + ||w||^2``, clamped at 0 against rounding.
+    ``||f - w||^2 = ||f||^2 - 2 f.w + ||w||^2``, clamped at 0 against rounding; computed in the
+    inputs' dtype even under autocast (half precision would cancel every digit).
 
     Args:
         features: (N, D).
@@ -34,19 +69,8 @@ def squared_distances(features: Tensor, centers: Tensor) -> Tensor:
         (N, C, M) for (C, M, D) centers, (N, K) for (K, D) centers.
     """
     flat = centers.reshape(-1, centers.shape[-1])  # (C, M, D) -> (K, D)
-    # Under autocast the matmul would run in half precision whatever the input dtype, and the
-    # cancellation in ||f||^2 - 2 f.w + ||w||^2 would lose every digit: keep it in input dtype.
-    device_type = features.device.type
-    no_autocast = (
-        torch.autocast(device_type=device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:
-        f_sq = (features * features).sum(dim=1, keepdim=True)  # (N, 1)
-        w_sq = (flat * flat).sum(dim=1)  # (K,)
-        # One fused matmul-add: ||f||^2 + ||w||^2 - 2 f.w.
-        dist = torch.addmm(f_sq + w_sq, features, flat.t(), alpha=-2.0).clamp_min(0.0)  # (N, K)
+    with _no_autocast(features.device.type):
+        dist = _PairwiseSquaredDistance.apply(features, flat)  # (N, K)
     return dist.reshape(features.shape[0], *centers.shape[:-1])  # (N, K) -> (N, C, M)
 
 

@@ -160,3 +160,12 @@ def test_autocast_keeps_distances_in_float32():
     assert aff.dtype == torch.float32
     assert_close(aff.double(), ref, atol=1e-4, rtol=1e-4)
     assert_close(reg.double(), AF.diversity_regularizer(w.double()), rtol=1e-4, atol=1e-3)
+
+
+def test_gradcheck_with_centers_on_the_features():
+    """The hand-written backward of the distance is exact at distance 0 too."""
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = f.detach()[:2].clone().reshape(2, 1, 3).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f, w: AF.gaussian_affinity(f, w, 2.0), (f, w))
+    assert torch.autograd.gradcheck(AF.diversity_regularizer, (w,))
