@@ -42,16 +42,18 @@ class _PairwiseSquaredDistance(torch.autograd.Function):
         ctx.save_for_backward(f, w)
         f_sq = (f * f).sum(dim=1, keepdim=True)  # (N, 1)
         w_sq = (w * w).sum(dim=1)  # (K,)
-        # ||f||^2 + ||w||^2 - 2 f.w in one fused matmul-add, clamped against rounding.
-        return torch.addmm(f_sq + w_sq, f, w.t(), alpha=-2.0).clamp_min(0.0)  # (N, K)
+        # ||f||^2 + ||w||^2 - 2 f.w in one fused matmul-add, clamped against rounding. The -2
+        # goes on the small (K, D) operand: torch_xla lowers addmm only with alpha = beta = 1
+        # and runs any other on the host.
+        return torch.addmm(f_sq + w_sq, f, (-2.0 * w).t()).clamp_min(0.0)  # (N, K)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor]:
         f, w = ctx.saved_tensors  # type: ignore[attr-defined]
         with _no_autocast(grad.device.type):
             g2 = 2.0 * grad  # (N, K)
-            grad_f = torch.addmm(f * g2.sum(dim=1, keepdim=True), g2, w, alpha=-1.0)  # (N, D)
-            grad_w = torch.addmm(w * g2.sum(dim=0).unsqueeze(1), g2.t(), f, alpha=-1.0)  # (K, D)
+            grad_f = torch.addmm(f * g2.sum(dim=1, keepdim=True), -g2, w)  # (N, D)
+            grad_w = torch.addmm(w * g2.sum(dim=0).unsqueeze(1), -g2.t(), f)  # (K, D)
         return grad_f, grad_w
 
 
@@ -156,8 +158,10 @@ def diversity_regularizer(centers: Tensor) -> Tensor:
         raise ValueError(f"diversity_regularizer needs at least 2 centers, got {k}")
     work = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
     dist = squared_distances(flat.to(work), flat.to(work))  # (K, K)
-    # Static upper-triangle selection by multiplying with a constant mask (no boolean indexing).
-    upper = torch.ones(k, k, dtype=dist.dtype, device=dist.device).triu(diagonal=1)
+    # The K(K-1)/2 pairs j < k as a constant mask (static shapes; torch_xla lowers arange
+    # and comparisons, where triu_indices would run on the host).
+    idx = torch.arange(k, device=dist.device)
+    upper = (idx.unsqueeze(1) < idx.unsqueeze(0)).to(dist.dtype)  # (K, K)
     n_pairs = k * (k - 1) / 2
     mean = (dist * upper).sum() / n_pairs
-    return (((dist - mean) * upper).pow(2)).sum() / n_pairs
+    return ((dist - mean) * upper).pow(2).sum() / n_pairs  # population variance

@@ -537,7 +537,13 @@ def test_cli_fit_on_xla_is_flat_after_epoch_two_and_matches_cpu(tmp_path: Path):
                 "history": cli.model.history,
             }}
 
-        emit({{"xla": fit("xla"), "cpu": fit("cpu")}})
+        from torch_xla.debug import metrics as met
+
+        xla_fit = fit("xla")
+        # ops that fell back to the host (aten::*) would transfer data every step
+        names = [k for k in met.counter_names() if k.startswith("aten::")]
+        xla_fit["fallbacks"] = dict(zip(names, map(met.counter_value, names)))
+        emit({{"xla": xla_fit, "cpu": fit("cpu")}})
         """,
         timeout=600,
     )
@@ -545,6 +551,14 @@ def test_cli_fit_on_xla_is_flat_after_epoch_two_and_matches_cpu(tmp_path: Path):
     assert len(counts) == 4
     assert counts[1] == counts[2] == counts[3], f"graphs compiled after epoch 2: {counts}"
     assert re.search(r"XLA: \d+ graphs compiled; flat since step \d+", out)
+    # No op ran on the host instead of the device; values are read back (.item(), i.e.
+    # aten::_local_scalar_dense) only at setup and epoch ends, never per step.
+    fallbacks = dict(facts["xla"]["fallbacks"])
+    reads = fallbacks.pop("aten::_local_scalar_dense", 0)
+    assert fallbacks == {}, f"ops ran on the host instead of the XLA device: {fallbacks}"
+    # Measured: 22 (Lightning's data-length checks at setup, the metrics once per epoch). One
+    # read per training step would add 8, one per eval batch 12.
+    assert reads <= 26, f"{reads} host reads in 4 epochs of 2 steps: a read in a step?"
     assert facts["xla"]["loss"] == pytest.approx(facts["cpu"]["loss"], rel=1e-3)
     assert len(facts["xla"]["history"]) == len(facts["cpu"]["history"]) == 4
 
