@@ -166,6 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_lightning_cli(args)
         return 0
     except SystemExit as exc:  # argparse errors, --help, --print_config
+        if args[:1] in (["-h"], ["--help"]):
+            print(
+                "\nalso: grid    the study grid (conditions x k x heads x seeds)\n"
+                "      report  tables and plots from a grid's runs.csv\n"
+                "      tune    Optuna hyperparameter search\n"
+                "(python cli.py grid --help, ... for their options)"
+            )
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     except Exception as exc:

@@ -159,3 +159,10 @@ def test_only_our_own_errors_lose_their_traceback():
         torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(2))
     except (RuntimeError, ValueError, TypeError) as exc:
         assert not _is_user_error(exc)
+
+
+def test_top_level_help_names_the_extra_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "{fit,validate,test,predict}" in out
+    assert "grid" in out and "report" in out and "tune" in out
