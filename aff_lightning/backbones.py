@@ -19,6 +19,7 @@ TPU hosts have no network).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, metaclass=abc.ABCMeta):
     """Base of all backbones: input checks and global average pooling over ``forward_features``.
 
     Subclasses set ``in_channels`` and ``out_features`` and define ``forward_features``.
@@ -56,6 +57,7 @@ class Backbone(nn.Module):
     in_channels: int
     out_features: int
 
+    @abc.abstractmethod
     def forward_features(self, images: Tensor) -> Tensor:
         """Last feature map before pooling.
 
@@ -65,7 +67,6 @@ class Backbone(nn.Module):
         Returns:
             (N, D, h, w).
         """
-        raise NotImplementedError
 
     def forward(self, images: Tensor) -> Tensor:
         """Globally average-pooled features.

@@ -31,6 +31,12 @@ class ToyImages(Dataset):
         return self.images[i], self.labels[i], torch.tensor(True)
 
 
+def _toy(**kwargs) -> AffinityClassifier:
+    """A cnn3 model for 1x16x16 toy images of 4 classes (class 0 the minority)."""
+    args = dict(backbone="cnn3", num_classes=4, in_channels=1, image_size=16, minority_classes=(0,))
+    return AffinityClassifier(**{**args, **kwargs})
+
+
 def _trainer(**kwargs) -> L.Trainer:
     defaults = dict(
         accelerator="cpu",
@@ -75,16 +81,7 @@ def test_every_backbone_and_head_trains_two_steps(backbone: str, head: str):
 @pytest.mark.parametrize("head", HEADS)
 def test_loss_decreases_on_a_learnable_problem(head: str):
     torch.manual_seed(0)
-    model = AffinityClassifier(
-        backbone="cnn3",
-        head=head,
-        num_classes=4,
-        in_channels=1,
-        image_size=16,
-        minority_classes=(0,),
-        lr=3e-3,
-        sigma=10.0,
-    )
+    model = _toy(head=head, lr=3e-3, sigma=10.0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ds = ToyImages(64)
     images, labels = ds.images, ds.labels
@@ -383,15 +380,7 @@ def test_compile_with_inductor_gives_the_same_outputs():
 def test_bf16_mixed_on_cpu_trains_and_counts_exactly(head: str):
     """CPU autocast bf16 (``precision="bf16-mixed"``): finite loss, metrics as integer counts."""
     torch.manual_seed(0)
-    model = AffinityClassifier(
-        backbone="cnn3",
-        head=head,
-        num_classes=4,
-        in_channels=1,
-        image_size=16,
-        minority_classes=(0,),
-        n_centers=2,
-    )
+    model = _toy(head=head, n_centers=2)
     trainer = _trainer(precision="bf16-mixed", max_steps=2, num_sanity_val_steps=0)
     val = DataLoader(ToyImages(12, seed=1), batch_size=8)  # a ragged last batch of 4
     trainer.fit(model, DataLoader(ToyImages(16), batch_size=8), val)
