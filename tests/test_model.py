@@ -99,48 +99,20 @@ def test_loss_decreases_on_a_learnable_problem(head: str):
 def test_forward_returns_affinities_or_logits():
     torch.manual_seed(0)
     x = torch.rand(5, 1, 16, 16)
-    aff = AffinityClassifier(
-        backbone="cnn3",
-        head="affinity",
-        num_classes=3,
-        in_channels=1,
-        image_size=16,
-        minority_classes=(),
-    ).eval()
+    aff = _toy(head="affinity", num_classes=3, minority_classes=()).eval()
     out = aff(x)
     assert ((out > 0) & (out <= 1)).all()
     assert_close(out, aff.head(aff.features(x)))
-    joint = AffinityClassifier(
-        backbone="cnn3",
-        head="joint",
-        num_classes=3,
-        in_channels=1,
-        image_size=16,
-        minority_classes=(),
-    ).eval()
+    joint = _toy(head="joint", num_classes=3, minority_classes=()).eval()
     assert_close(joint(x), joint.head(joint.features(x)))
-    soft = AffinityClassifier(
-        backbone="cnn3",
-        head="softmax",
-        num_classes=3,
-        in_channels=1,
-        image_size=16,
-        minority_classes=(),
-    ).eval()
+    soft = _toy(head="softmax", num_classes=3, minority_classes=()).eval()
     assert_close(soft(x), soft.linear(soft.features(x)))
     assert isinstance(soft.feature_norm, torch.nn.Identity)  # no BN before the softmax head
     assert isinstance(aff.feature_norm, torch.nn.BatchNorm1d)
 
 
 def test_embedding_dim_bottleneck():
-    model = AffinityClassifier(
-        backbone="cnn3",
-        num_classes=3,
-        in_channels=1,
-        image_size=16,
-        minority_classes=(),
-        embedding_dim=2,
-    )
+    model = _toy(num_classes=3, minority_classes=(), embedding_dim=2)
     assert model.features(torch.rand(4, 1, 16, 16)).shape == (4, 2)
     assert model.head.centers.shape == (3, 1, 2)
 
